@@ -1,0 +1,4 @@
+"""Per-op glue: fake kernels, Triton op registration, autograd.Functions and
+backend choice. The C++ registration (csrc/registration.cpp) names this
+package as the home of the fake kernels of its ops."""
+from fastdl._ops import activation  # noqa: F401

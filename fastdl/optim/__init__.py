@@ -1,0 +1,1 @@
+"""Fused optimizers (fastdl.optim.AdamW lands with its op)."""
