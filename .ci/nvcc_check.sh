@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compiles every csrc/*.cu for sm_80 and sm_90a with the flags cpp_extension
+# Usage: .ci/nvcc_check.sh [csrc/x.cu ...]   (default: every csrc/*.cu)
+# Compiles CUDA sources for sm_80 and sm_90a with the flags cpp_extension
 # uses, so a CUDA compile error cannot land even though CI has no GPU and a
 # CPU-only torch. Objects are thrown away; nothing here runs.
 #
@@ -25,7 +26,9 @@ jobs=${NVCC_JOBS:-$(nproc)}
 status=0
 pids=()
 names=()
-for src in csrc/*.cu; do
+srcs=("$@")
+[ ${#srcs[@]} -gt 0 ] || srcs=(csrc/*.cu)
+for src in "${srcs[@]}"; do
   name=$(basename "$src" .cu)
   ( start=$(date +%s)
     if nvcc "${flags[@]}" $inc -c "$src" -o "$out/$name.o" > "$out/$name.log" 2>&1; then
