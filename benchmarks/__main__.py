@@ -1,0 +1,65 @@
+"""`python -m benchmarks`: run every benchmarks/bench_<op>.py in one process
+and write one CSV + one JSON for the whole run, plus a markdown summary.
+
+    python -m benchmarks                   # all ops, full sweep (CUDA)
+    python -m benchmarks --quick           # fewer sizes and reps
+    python -m benchmarks --ops activation,norm --dtype bf16
+    python -m benchmarks --smoke           # no GPU: tiny sizes, correctness + CPU timings
+"""
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+import time
+import traceback
+
+from benchmarks import harness as H
+
+
+def _bench_modules():
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_args(p)
+    p.add_argument("--ops", default=None, help=f"comma list of {','.join(_bench_modules())}")
+    args = p.parse_args(argv)
+    ops = args.ops.split(",") if args.ops else _bench_modules()
+    unknown = set(ops) - set(_bench_modules())
+    if unknown:
+        raise SystemExit(f"unknown ops {sorted(unknown)}; have {_bench_modules()}")
+    ctx = H.make_context(args)
+    import fastdl  # noqa: F401  (after TRITON_INTERPRET is set by make_context)
+
+    print(f"device {ctx.env['gpu']}  torch {ctx.env['torch']}  triton {ctx.env['triton']}  sha {ctx.env['git_sha']}")
+    if ctx.smoke:
+        print("smoke run on CPU: correctness checks and CPU wall-clock only; GPU benchmarks need CUDA")
+    print("roofline:", ctx.roofline)
+    rows, failed = [], []
+    for i, op in enumerate(ops, 1):
+        t0 = time.time()
+        print(f"[{i}/{len(ops)}] {op} ...", flush=True)
+        try:
+            rows += importlib.import_module(f"benchmarks.bench_{op}").run(ctx)
+        except Exception:
+            failed.append(op)
+            traceback.print_exc()
+        print(f"[{i}/{len(ops)}] {op} done in {time.time() - t0:.0f}s", flush=True)
+    stamp = ctx.env["timestamp"].replace(":", "").replace("-", "")
+    out_dir = args.out or H.default_out_dir(ctx)
+    paths = H.write_results(rows, ctx, out_dir, f"bench-{stamp}")
+    with open(os.path.join(out_dir, f"bench-{stamp}.md"), "w") as f:
+        f.write(f"# fastdl benchmarks\n\n{ctx.env}\n\nroofline: {ctx.roofline}\n\n```\n{H.summary(rows)}\n```\n")
+    print(H.summary(rows))
+    print("wrote", *paths)
+    if failed:
+        print("benchmarks that raised:", ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
