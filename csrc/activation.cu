@@ -143,7 +143,7 @@ at::Tensor bias_act_fwd_cuda(const at::Tensor& input, const c10::optional<at::Te
                              c10::string_view act, double negative_slope) {
   FASTDL_CHECK_DEVICE_TYPE(input, at::kCUDA);
   check_bias_act_args(input, bias);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -180,7 +180,7 @@ at::Tensor bias_act_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input
   FASTDL_CHECK_SAME_DEVICE(grad_out, input);
   FASTDL_CHECK_SAME_SHAPE(grad_out, input);
   FASTDL_CHECK_SAME_DTYPE(grad_out, input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor g = grad_out.contiguous();
@@ -213,7 +213,7 @@ at::Tensor bias_act_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input
 at::Tensor glu_fwd_cuda(const at::Tensor& input, c10::string_view act, double negative_slope) {
   FASTDL_CHECK_DEVICE_TYPE(input, at::kCUDA);
   const int64_t h = check_glu_args(input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(glu_out_shape(x), x.options());
@@ -247,7 +247,7 @@ at::Tensor glu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input, c10
               "fastdl: grad_out must have shape ", at::IntArrayRef(glu_out_shape(input)), ", got ",
               grad_out.sizes());
   FASTDL_CHECK_SAME_DTYPE(grad_out, input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor g = grad_out.contiguous();

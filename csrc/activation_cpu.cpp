@@ -25,7 +25,7 @@ at::Tensor bias_act_fwd_cpu(const at::Tensor& input, const c10::optional<at::Ten
                             c10::string_view act, double negative_slope) {
   FASTDL_CHECK_DEVICE_TYPE(input, at::kCPU);
   check_bias_act_args(input, bias);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t n = x.numel();
@@ -58,7 +58,7 @@ at::Tensor bias_act_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
   check_bias_act_args(input, bias);
   FASTDL_CHECK_SAME_SHAPE(grad_out, input);
   FASTDL_CHECK_SAME_DTYPE(grad_out, input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const at::Tensor x = input.contiguous();
   const at::Tensor g = grad_out.contiguous();
   at::Tensor grad_in = at::empty(x.sizes(), x.options());
@@ -89,7 +89,7 @@ at::Tensor bias_act_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
 at::Tensor glu_fwd_cpu(const at::Tensor& input, c10::string_view act, double negative_slope) {
   FASTDL_CHECK_DEVICE_TYPE(input, at::kCPU);
   const int64_t h = check_glu_args(input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(glu_out_shape(x), x.options());
   const int64_t n = out.numel();
@@ -122,7 +122,7 @@ at::Tensor glu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input, c10:
               "fastdl: grad_out must have shape ", at::IntArrayRef(glu_out_shape(input)), ", got ",
               grad_out.sizes());
   FASTDL_CHECK_SAME_DTYPE(grad_out, input);
-  const Act a = parse_act(std::string(act));
+  const Act a = parse_act(std::string(act.data(), act.size()));
   const at::Tensor x = input.contiguous();
   const at::Tensor g = grad_out.contiguous();
   at::Tensor grad_in = at::empty(x.sizes(), x.options());

@@ -206,18 +206,17 @@ def _note_fallback(op: str, dev: str, reason: str, backend: str) -> None:
 def load_kernels(module: str):
     """Import fastdl._kernels.<module> (kernels/<module>.py).
 
-    Installed (also editable) builds map kernels/ to fastdl._kernels; a bare
-    source checkout on sys.path does not, so load it from beside fastdl/.
+    Installed wheels map kernels/ to fastdl._kernels. In a source checkout
+    (editable install, or the tree on sys.path) the kernels/ beside this
+    fastdl/ is used, so the Python and Triton code always come from one tree.
     """
-    try:
-        return importlib.import_module(f"fastdl._kernels.{module}")
-    except ModuleNotFoundError as e:
-        if e.name != "fastdl._kernels":
-            raise
-    path = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "fastdl._kernels", path / "__init__.py", submodule_search_locations=[str(path)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastdl._kernels"] = mod
-    spec.loader.exec_module(mod)
+    checkout = Path(__file__).resolve().parent.parent
+    if "fastdl._kernels" not in sys.modules and (checkout / "setup.py").is_file() \
+            and (checkout / "kernels" / "__init__.py").is_file():
+        path = checkout / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "fastdl._kernels", path / "__init__.py", submodule_search_locations=[str(path)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["fastdl._kernels"] = mod
+        spec.loader.exec_module(mod)
     return importlib.import_module(f"fastdl._kernels.{module}")
