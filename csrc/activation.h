@@ -141,28 +141,36 @@ struct ActOp<Act::kTanh> {
 
 // Checks common to both devices. bias broadcasts over the last dim and may be
 // fp32 under a low-precision input (autocast keeps Linear biases in fp32).
-inline void check_bias_act_args(const at::Tensor& input, const c10::optional<at::Tensor>& bias) {
+// grad_out, when given, is the backward's incoming gradient.
+// (The locals are named as the arguments: the check macros print their names.)
+inline void check_bias_act_args(const c10::optional<at::Tensor>& maybe_grad_out,
+                                const at::Tensor& input, const c10::optional<at::Tensor>& maybe_bias) {
   FASTDL_CHECK_FLOATING(input);
-  if (!bias.has_value()) return;
-  const at::Tensor& b = *bias;
-  FASTDL_CHECK_SAME_DEVICE(b, input);
+  if (maybe_grad_out.has_value()) {
+    const at::Tensor& grad_out = *maybe_grad_out;
+    FASTDL_CHECK_SAME_DEVICE(grad_out, input);
+    FASTDL_CHECK_SAME_SHAPE(grad_out, input);
+    FASTDL_CHECK_SAME_DTYPE(grad_out, input);
+  }
+  if (!maybe_bias.has_value()) return;
+  const at::Tensor& bias = *maybe_bias;
+  FASTDL_CHECK_SAME_DEVICE(bias, input);
   TORCH_CHECK(input.dim() >= 1, "fastdl: input must have at least one dim when bias is given");
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == input.size(-1), "fastdl: bias must have shape [",
-              input.size(-1), "] (the last dim of input), got ", b.sizes());
-  TORCH_CHECK(b.scalar_type() == input.scalar_type() || b.scalar_type() == at::kFloat,
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(-1), "fastdl: bias must have shape [",
+              input.size(-1), "] (the last dim of input), got ", bias.sizes());
+  TORCH_CHECK(bias.scalar_type() == input.scalar_type() || bias.scalar_type() == at::kFloat,
               "fastdl: bias must be float32 or input's dtype (", input.scalar_type(), "), got ",
-              b.scalar_type());
-  TORCH_CHECK(input.scalar_type() != at::kDouble || b.scalar_type() == at::kDouble,
-              "fastdl: bias must be float64 when input is float64, got ", b.scalar_type());
+              bias.scalar_type());
+  TORCH_CHECK(input.scalar_type() != at::kDouble || bias.scalar_type() == at::kDouble,
+              "fastdl: bias must be float64 when input is float64, got ", bias.scalar_type());
 }
 
-// Gated: input (..., 2H) -> output (..., H).
-inline int64_t check_glu_args(const at::Tensor& input) {
-  FASTDL_CHECK_FLOATING(input);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) % 2 == 0,
-              "fastdl: input's last dim must be even (it is split into two halves), got shape ",
-              input.sizes());
-  return input.size(-1) / 2;
+// The bias is tiny (one row): convert it once to the compute type so the
+// kernels need no template parameter for its dtype.
+inline c10::optional<at::Tensor> bias_as_opmath(const c10::optional<at::Tensor>& bias,
+                                                at::ScalarType input_dtype) {
+  if (!bias.has_value()) return c10::nullopt;
+  return bias->to(input_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 inline std::vector<int64_t> glu_out_shape(const at::Tensor& input) {
@@ -170,5 +178,24 @@ inline std::vector<int64_t> glu_out_shape(const at::Tensor& input) {
   shape.back() /= 2;
   return shape;
 }
+
+// Gated: input (..., 2H) -> output (..., H). Returns H.
+inline int64_t check_glu_args(const c10::optional<at::Tensor>& maybe_grad_out, const at::Tensor& input) {
+  FASTDL_CHECK_FLOATING(input);
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) % 2 == 0,
+              "fastdl: input's last dim must be even (it is split into two halves), got shape ",
+              input.sizes());
+  if (maybe_grad_out.has_value()) {
+    const at::Tensor& grad_out = *maybe_grad_out;
+    const auto shape = glu_out_shape(input);
+    FASTDL_CHECK_SAME_DEVICE(grad_out, input);
+    TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape), "fastdl: grad_out must have shape ",
+                at::IntArrayRef(shape), ", got ", grad_out.sizes());
+    FASTDL_CHECK_SAME_DTYPE(grad_out, input);
+  }
+  return input.size(-1) / 2;
+}
+
+inline Act parse_act(c10::string_view name) { return parse_act(std::string(name.data(), name.size())); }
 
 }  // namespace fastdl
