@@ -17,6 +17,7 @@ import fastdl  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NO_GPU = "needs a CUDA GPU (none visible on this machine)"
 
 
@@ -30,8 +31,10 @@ def backend_cases(triton: bool = True, native_cpu: bool = True):
     if native_cpu:
         cases.append(pytest.param("cpu", "cpu", id="cpu-cpp"))
     if triton:
-        cases.append(pytest.param("cpu", "triton", id="cpu-triton_interp", marks=pytest.mark.skipif(
-            not HAS_TRITON, reason="triton is not installed")))
+        cases.append(pytest.param("cpu", "triton", id="cpu-triton_interp", marks=[
+            pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+            pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 "
+                               "(set by this conftest only where no GPU is visible)")]))
     cases.append(pytest.param("cpu", "torch", id="cpu-torch"))
     gpu = pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
     cases.append(pytest.param("cuda", "cuda", id="cuda-cuda", marks=[gpu, pytest.mark.gpu]))
