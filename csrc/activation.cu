@@ -113,9 +113,9 @@ at::Tensor bias_act_cuda(const c10::optional<at::Tensor>& grad_out, const at::Te
   check_bias_act_args(grad_out, input, bias);
   const Act a = parse_act(act);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous();
-  const at::Tensor g = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = bias.has_value() ? at::empty(input.sizes(), input.options()) : at::empty_like(input);
+  const at::Tensor x = as_layout_of(input, out);
+  const at::Tensor g = grad_out.has_value() ? as_layout_of(*grad_out, out) : at::Tensor();
   const int64_t n = x.numel();
   if (n == 0) return out;
   const auto b = bias_as_opmath(bias, x.scalar_type());

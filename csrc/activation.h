@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/ops/empty_like.h>
+
 #include "common/checks.h"
 
 #if defined(__CUDACC__)
@@ -171,6 +173,19 @@ inline c10::optional<at::Tensor> bias_as_opmath(const c10::optional<at::Tensor>&
                                                 at::ScalarType input_dtype) {
   if (!bias.has_value()) return c10::nullopt;
   return bias->to(input_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// Without a bias the op is purely elementwise, so any dense layout (channels_last,
+// a transposed matrix, ...) is processed in storage order and the output keeps
+// input's layout: out = empty_like(input). `as_layout_of(t, out)` returns t when
+// it already has out's strides, else a copy in out's layout, so x, grad_out and
+// out line up element for element in memory. With a bias (broadcast over the
+// last logical dim) everything is made contiguous instead. The fake kernels in
+// fastdl/_ops/activation.py follow the same rule.
+inline at::Tensor as_layout_of(const at::Tensor& t, const at::Tensor& out) {
+  // Same sizes and strides as the dense `out` means the same memory layout.
+  if (t.strides() == out.strides()) return t;
+  return at::empty_like(out).copy_(t);
 }
 
 inline std::vector<int64_t> glu_out_shape(const at::Tensor& input) {

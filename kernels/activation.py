@@ -165,9 +165,19 @@ def _grid(n):
     return (triton.cdiv(n, BLOCK),)
 
 
+def _layout(x: torch.Tensor, bias, g=None):
+    """(x, g, out) lined up element for element in memory. Without a bias the
+    op is elementwise: dense layouts (channels_last, ...) are kept, as in
+    csrc/activation.h's as_layout_of. With a bias, all contiguous."""
+    out = torch.empty_like(x) if bias is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    def like_out(t):  # same sizes and strides as the dense out: same memory layout
+        return t if t.stride() == out.stride() else torch.empty_like(out).copy_(t)
+    return like_out(x), (like_out(g) if g is not None else None), out
+
+
 def bias_act_forward(x: torch.Tensor, bias, act: int, slope: float) -> torch.Tensor:
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    x, _, y = _layout(x, bias)
     if x.numel():
         b = bias.contiguous() if bias is not None else x
         _bias_act_fwd_kernel[_grid(x.numel())](
@@ -176,8 +186,7 @@ def bias_act_forward(x: torch.Tensor, bias, act: int, slope: float) -> torch.Ten
 
 
 def bias_act_backward(g: torch.Tensor, x: torch.Tensor, bias, act: int, slope: float) -> torch.Tensor:
-    x, g = x.contiguous(), g.contiguous()
-    dx = torch.empty_like(x)
+    x, g, dx = _layout(x, bias, g)
     if x.numel():
         b = bias.contiguous() if bias is not None else x
         _bias_act_bwd_kernel[_grid(x.numel())](

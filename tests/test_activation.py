@@ -24,9 +24,9 @@ def _run(device, backend, fn, *tensors):
 
 
 def _check_fwd_bwd(device, backend, dtype, x, bias, fn, ref_fn):
-    x = x.to(device).requires_grad_()
+    x = x.to(device).detach().requires_grad_()  # a fresh leaf: never the caller's tensor
     if bias is not None:
-        bias = bias.to(device).requires_grad_()
+        bias = bias.to(device).detach().requires_grad_()
     out = _run(device, backend, fn, x, bias)
     x64 = x.detach().double().requires_grad_()
     b64 = bias.detach().double().requires_grad_() if bias is not None else None
@@ -76,6 +76,24 @@ def test_non_contiguous(device, backend, dtype):
     sliced = torch.randn(9, 40, dtype=dtype)[:, 3:35:2]  # offset and stride 2
     _check_fwd_bwd(device, backend, dtype, sliced, None,
                    lambda x, b: FF.silu(x), lambda x, b: ref.bias_act(x, b, "silu"))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_layout_is_kept_without_bias(device, backend, dtype):
+    # channels_last activations (the ResNet case) must not turn into NCHW copies.
+    x = torch.randn(2, 5, 3, 7).to(dtype=dtype, memory_format=torch.channels_last)
+    _check_fwd_bwd(device, backend, dtype, x, None,
+                   lambda x, b: FF.relu(x), lambda x, b: ref.bias_act(x, b, "relu"))
+    xx = x.to(device).detach().requires_grad_()
+    with fastdl.use_backend(backend):
+        y = FF.silu(xx)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn(y.shape, dtype=dtype, device=device)  # NCHW grad for a channels_last input
+        y.backward(g)
+    x64 = xx.detach().double().requires_grad_()
+    ref.bias_act(x64, None, "silu").backward(g.double())
+    assert_close(xx.grad, x64.grad, dtype, "grad with a grad_out in another layout")
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -142,6 +160,11 @@ def test_opcheck(device, backend, dtype):
         for bias in (b, None):
             torch.library.opcheck(getattr(ops, "bias_act_fwd" + suffix), (x, bias, act, 0.1))
             torch.library.opcheck(getattr(ops, "bias_act_bwd" + suffix), (g, x, bias, act, 0.1))
+    # layouts: channels_last kept without a bias; transposed input and grad
+    x4 = x.reshape(1, 7, 4, 4).to(memory_format=torch.channels_last)
+    torch.library.opcheck(getattr(ops, "bias_act_fwd" + suffix), (x4, None, "silu", 0.0))
+    torch.library.opcheck(getattr(ops, "bias_act_bwd" + suffix), (g.reshape(1, 7, 4, 4), x4, None, "silu", 0.0))
+    torch.library.opcheck(getattr(ops, "bias_act_bwd" + suffix), (g.t(), x.t(), None, "gelu", 0.0))
     torch.library.opcheck(getattr(ops, "glu_fwd" + suffix), (x, "silu", 0.0))
     torch.library.opcheck(getattr(ops, "glu_bwd" + suffix), (g[:, :8].contiguous(), x, "silu", 0.0))
 

@@ -30,11 +30,19 @@ _backend.register_op(
 
 
 # --- fake kernels (shapes only), for the C++ and the Triton ops ----------------
-def _fake_like(input: Tensor, *args) -> Tensor:
+def _fake_bias_act(input: Tensor, bias: Optional[Tensor], *args) -> Tensor:
+    # Without a bias the kernels keep input's dense layout (empty_like), with
+    # one they work contiguous: see csrc/activation.h, as_layout_of.
+    if bias is None:
+        return torch.empty_like(input)
     return torch.empty(input.shape, dtype=input.dtype, device=input.device)
 
 
-def _fake_bwd(grad_out: Tensor, input: Tensor, *args) -> Tensor:
+def _fake_bias_act_bwd(grad_out: Tensor, input: Tensor, bias: Optional[Tensor], *args) -> Tensor:
+    return _fake_bias_act(input, bias)
+
+
+def _fake_glu_bwd(grad_out: Tensor, input: Tensor, *args) -> Tensor:
     return torch.empty(input.shape, dtype=input.dtype, device=input.device)
 
 
@@ -43,10 +51,10 @@ def _fake_glu(input: Tensor, *args) -> Tensor:
 
 
 if _backend._C is not None:
-    torch.library.register_fake("fastdl::bias_act_fwd")(_fake_like)
-    torch.library.register_fake("fastdl::bias_act_bwd")(_fake_bwd)
+    torch.library.register_fake("fastdl::bias_act_fwd")(_fake_bias_act)
+    torch.library.register_fake("fastdl::bias_act_bwd")(_fake_bias_act_bwd)
     torch.library.register_fake("fastdl::glu_fwd")(_fake_glu)
-    torch.library.register_fake("fastdl::glu_bwd")(_fake_bwd)
+    torch.library.register_fake("fastdl::glu_bwd")(_fake_glu_bwd)
 
 
 # --- Triton ops -------------------------------------------------------------------
@@ -75,10 +83,10 @@ def glu_bwd_triton(grad_out: Tensor, input: Tensor, act: str, negative_slope: fl
     return _triton().glu_backward(grad_out, input, ACTS[act], negative_slope)
 
 
-bias_act_fwd_triton.register_fake(_fake_like)
-bias_act_bwd_triton.register_fake(_fake_bwd)
+bias_act_fwd_triton.register_fake(_fake_bias_act)
+bias_act_bwd_triton.register_fake(_fake_bias_act_bwd)
 glu_fwd_triton.register_fake(_fake_glu)
-glu_bwd_triton.register_fake(_fake_bwd)
+glu_bwd_triton.register_fake(_fake_glu_bwd)
 
 
 def _native(name: str):
