@@ -5,6 +5,8 @@ and write one CSV + one JSON for the whole run, plus a markdown summary.
     python -m benchmarks --quick           # fewer sizes and reps
     python -m benchmarks --ops activation,norm --dtype bf16
     python -m benchmarks --smoke           # no GPU: tiny sizes, correctness + CPU timings
+    python -m benchmarks --ops e2e --quick # end-to-end training only (benchmarks/bench_e2e.py)
+    python -m benchmarks.report --readme - # the README's results tables, from committed result files
 """
 import argparse
 import importlib
@@ -15,6 +17,7 @@ import time
 import traceback
 
 from benchmarks import harness as H
+from benchmarks import report
 
 
 def _bench_modules():
@@ -22,11 +25,17 @@ def _bench_modules():
     return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
 
 
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     H.add_args(p)
     p.add_argument("--ops", default=None, help=f"comma list of {','.join(_bench_modules())}")
+    p.add_argument("--plots", action="store_true", help="also draw plots into OUT/plots (benchmarks/report.py)")
     args = p.parse_args(argv)
     ops = args.ops.split(",") if args.ops else _bench_modules()
     unknown = set(ops) - set(_bench_modules())
@@ -42,18 +51,25 @@ def main(argv=None):
     rows, failed = [], []
     for i, op in enumerate(ops, 1):
         t0 = time.time()
-        print(f"[{i}/{len(ops)}] {op} ...", flush=True)
+        print(f"{_bar(i - 1, len(ops))} {op} ...", flush=True)
         try:
             rows += importlib.import_module(f"benchmarks.bench_{op}").run(ctx)
         except Exception:
             failed.append(op)
             traceback.print_exc()
-        print(f"[{i}/{len(ops)}] {op} done in {time.time() - t0:.0f}s", flush=True)
+        print(f"{_bar(i, len(ops))} {op} done in {time.time() - t0:.0f}s", flush=True)
     stamp = ctx.env["timestamp"].replace(":", "").replace("-", "")
     out_dir = args.out or H.default_out_dir(ctx)
     paths = H.write_results(rows, ctx, out_dir, f"bench-{stamp}")
+    run = report.load(paths[1])
     with open(os.path.join(out_dir, f"bench-{stamp}.md"), "w") as f:
-        f.write(f"# fastdl benchmarks\n\n{ctx.env}\n\nroofline: {ctx.roofline}\n\n```\n{H.summary(rows)}\n```\n")
+        f.write(f"# fastdl benchmarks\n\n{ctx.env}\n\nroofline: {ctx.roofline}\n\n```\n{H.summary(rows)}\n```\n\n"
+                + report.markdown([run]))
+    if args.plots:
+        try:
+            print(f"{len(report.plots([run], os.path.join(out_dir, 'plots')))} plots in {out_dir}/plots")
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib)")
     print(H.summary(rows))
     print("wrote", *paths)
     if failed:

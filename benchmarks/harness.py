@@ -30,13 +30,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch._functorch.config
+
+# Backward-only timings replay one graph (retain_graph=True); compiled graphs
+# that donate their saved buffers cannot be replayed.
+torch._functorch.config.donated_buffer = False
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+# Relative L2 error allowed between a provider and the reference provider.
+REL_L2 = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 @dataclass
@@ -167,23 +173,28 @@ def _grad_like(out: torch.Tensor) -> torch.Tensor:
     return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
 
 
+def _differentiable(out) -> list[torch.Tensor]:
+    """The tensors of an output (a tensor or a tuple of them) that carry a graph."""
+    return [t for t in _flatten(out) if t.requires_grad]
+
+
 def backward_of(forward: Callable[[], Any], inputs: list[torch.Tensor]) -> Callable[[], Any]:
     """A provider timing only the backward of `forward()` w.r.t. `inputs`."""
-    out = forward()
-    grad = _grad_like(out)
-    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    outs = _differentiable(forward())
+    grads = [_grad_like(o) for o in outs]
+    return lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)
 
 
 def full_of(forward: Callable[[], Any], inputs: list[torch.Tensor]) -> Callable[[], Any]:
-    """A provider timing forward + backward."""
-    grad = None
+    """A provider timing forward + backward (of every differentiable output)."""
+    grads = None
 
     def step():
-        nonlocal grad
-        out = forward()
-        if grad is None:
-            grad = _grad_like(out)
-        return torch.autograd.grad(out, inputs, grad)
+        nonlocal grads
+        outs = _differentiable(forward())
+        if grads is None:
+            grads = [_grad_like(o) for o in outs]
+        return torch.autograd.grad(outs, inputs, grads)
     return step
 
 
@@ -196,13 +207,18 @@ def _flatten(out):
     return []
 
 
-def _check(name, out, ref, dtype):
-    atol, rtol = TOL.get(dtype, (1e-4, 1e-4))
-    for a, b in zip(_flatten(out), _flatten(ref)):
-        if a is None or b is None:
+def check_close(name, out, ref, dtype):
+    """Relative L2 error per output tensor: elementwise tolerances would flag
+    reductions (weight grads) where a low-precision eager reference is the
+    less accurate of the two; a real bug is far past these bounds."""
+    bound = REL_L2.get(dtype, 1e-4)
+    for i, (a, b) in enumerate(zip(_flatten(out), _flatten(ref))):
+        if a is None or b is None or b.numel() == 0:
             continue
-        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol,
-                                   msg=lambda m: f"{name} disagrees with the reference provider: {m}")
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        if not err <= bound:  # also catches NaN
+            raise AssertionError(f"{name} disagrees with the reference provider on output {i}: "
+                                 f"relative L2 error {err:.3g} > {bound:.3g}")
 
 
 def measure(ctx: Context, op: str, mode: str, dtype: torch.dtype, shape: str, providers: dict,
@@ -217,7 +233,7 @@ def measure(ctx: Context, op: str, mode: str, dtype: torch.dtype, shape: str, pr
         try:
             out = fn()
             if ref_out is not None and name != reference:
-                _check(name, out, ref_out, dtype)
+                check_close(name, out, ref_out, dtype)
             del out
             p20, p50, p80 = timeit(fn, ctx.device, ctx.quick)
             row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_MB=peak_mb(fn, ctx.device), error="")

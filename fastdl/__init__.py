@@ -12,6 +12,7 @@ from fastdl._backend import BackendUnavailable, get_backend, set_backend, use_ba
 from fastdl import _ops  # noqa: F401  (fake kernels, Triton ops)
 from fastdl import functional, nn, optim
 from fastdl.info import info
+from fastdl.patch import PatchReport, patch
 
-__all__ = ["functional", "nn", "optim", "info", "set_backend", "get_backend", "use_backend",
-           "BackendUnavailable"]
+__all__ = ["functional", "nn", "optim", "info", "patch", "PatchReport", "set_backend", "get_backend",
+           "use_backend", "BackendUnavailable"]

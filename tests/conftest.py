@@ -76,6 +76,12 @@ def assert_rel_l2(actual, expected, dtype, msg=""):
     assert err <= bound, f"{msg}: L2 error {err:.3g} > {bound:.3g} (||expected|| {e.norm().item():.3g})"
 
 
+def pytest_collection_modifyitems(config, items):
+    # The >2^31-element tests take most of the machine's memory: run them last,
+    # so their memory pressure cannot disturb other tests.
+    items.sort(key=lambda item: item.get_closest_marker("large") is not None)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
     torch.manual_seed(0)
