@@ -12,12 +12,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include "common/checks.h"
-
-#if defined(__CUDACC__)
-#define FASTDL_HD __host__ __device__ __forceinline__
-#else
-#define FASTDL_HD inline
-#endif
+#include "common/hd.h"
 
 namespace fastdl {
 
