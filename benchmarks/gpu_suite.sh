@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The GPU suite, in one call on the lent GPU machine (see ../shared/GPU-RUNBOOK.md):
 #   bash benchmarks/gpu_suite.sh OUTDIR [--quick] [--tests-only] [--sanitize]
-# builds the extension for the GPU, runs the whole test suite on CUDA, runs the
-# benchmarks, and writes into OUTDIR (at most 8 files, as the device tool
-# returns): env.txt build.log tests.log [sanitizer.log] bench-*.{csv,json,md}.
-# The last thing printed is the summary table.
+#   bash benchmarks/gpu_suite.sh OUTDIR --e2e     (second call: end-to-end training only)
+# builds the extension for the GPU (incremental on a warm machine), runs the
+# whole test suite on CUDA, runs the op benchmarks, and writes into OUTDIR (at
+# most 8 files, as the device tool returns): env.txt build.log tests.log
+# [sanitizer.log] bench-*.{csv,json,md}. The last thing printed is the summary
+# table. The end-to-end benchmark compiles whole models and needs most of a
+# 10-minute call by itself, hence its own mode.
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUTDIR [--quick] [--tests-only] [--sanitize]}
 shift
-QUICK=""; TESTS_ONLY=0; SANITIZE=0
+QUICK=""; TESTS_ONLY=0; SANITIZE=0; E2E=0
 for a in "$@"; do
   case $a in
     --quick) QUICK="--quick" ;;
     --tests-only) TESTS_ONLY=1 ;;
     --sanitize) SANITIZE=1 ;;
+    --e2e) E2E=1 ;;
     *) echo "unknown option $a"; exit 2 ;;
   esac
 done
@@ -36,6 +40,11 @@ fi
 stamp "built"
 python -m fastdl.info >> "$OUT/env.txt" 2>&1
 
+if [ "$E2E" = 1 ]; then
+  python -m benchmarks.bench_e2e --quick --out "$OUT" 2>&1 | tail -60
+  exit "${PIPESTATUS[0]}"
+fi
+
 python -m pytest -q -ra tests > "$OUT/tests.log" 2>&1
 test_rc=$?
 test_summary=$(tail -1 "$OUT/tests.log")
@@ -49,7 +58,8 @@ if [ "$SANITIZE" = 1 ]; then
 fi
 
 if [ "$TESTS_ONLY" = 0 ]; then
-  python -m benchmarks $QUICK --out "$OUT" > "$OUT/bench-stdout.txt" 2>&1
+  ops=$(ls benchmarks/bench_*.py | sed 's#benchmarks/bench_##; s#\.py##' | grep -v '^e2e$' | paste -sd, -)
+  python -m benchmarks $QUICK --ops "$ops" --out "$OUT" > "$OUT/bench-stdout.txt" 2>&1
   bench_rc=$?
   stamp "benchmarks rc=$bench_rc"
   # keep the file count within what comes back: fold stdout into tests.log
