@@ -11,7 +11,7 @@ from fastdl import _backend
 from fastdl._backend import BackendUnavailable, get_backend, set_backend, use_backend
 from fastdl import _ops  # noqa: F401  (fake kernels, Triton ops)
 from fastdl import functional, nn, optim
-from fastdl.info import info
+from fastdl._info import info
 from fastdl.patch import PatchReport, patch
 
 __all__ = ["functional", "nn", "optim", "info", "patch", "PatchReport", "set_backend", "get_backend",

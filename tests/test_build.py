@@ -27,8 +27,8 @@ def test_info_lists_every_op_and_device(capsys):
 
 
 def test_python_m_fastdl_info_runs():
-    out = subprocess.run([sys.executable, "-m", "fastdl.info"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "fastdl.info"],
+                         capture_output=True, text=True, check=True)
     assert "fastdl._C" in out.stdout and "activation" in out.stdout
 
 
