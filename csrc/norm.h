@@ -68,8 +68,10 @@ inline NormDims check_norm_fwd_args(const at::Tensor& input,
   NormDims d;
   d.stat_shape.assign(input.sizes().begin(), input.sizes().end() - k);
   d.cols = c10::multiply_integers(normalized_shape);
-  TORCH_CHECK(d.cols <= std::numeric_limits<int32_t>::max(),
-              "fastdl: prod(normalized_shape) must be below 2^31, got ", d.cols);
+  // Column indices inside a row are 32-bit and step past the row end by up
+  // to a block's worth: 2^30 keeps them clear of overflow.
+  TORCH_CHECK(d.cols <= (int64_t(1) << 30),
+              "fastdl: prod(normalized_shape) must be at most 2^30, got ", d.cols);
   d.rows = d.cols == 0 ? c10::multiply_integers(d.stat_shape) : input.numel() / d.cols;
   return d;
 }
@@ -106,8 +108,10 @@ inline NormDims check_norm_bwd_args(const at::Tensor& grad_out,
   NormDims d;
   d.stat_shape.assign(rstd.sizes().begin(), rstd.sizes().end());
   d.cols = c10::multiply_integers(normalized_shape);
-  TORCH_CHECK(d.cols <= std::numeric_limits<int32_t>::max(),
-              "fastdl: prod(normalized_shape) must be below 2^31, got ", d.cols);
+  // Column indices inside a row are 32-bit and step past the row end by up
+  // to a block's worth: 2^30 keeps them clear of overflow.
+  TORCH_CHECK(d.cols <= (int64_t(1) << 30),
+              "fastdl: prod(normalized_shape) must be at most 2^30, got ", d.cols);
   d.rows = rstd.numel();
   return d;
 }

@@ -66,6 +66,18 @@ def test_fp32_bias_with_low_precision_input(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+def test_empty_last_dim_with_bias(device, backend):
+    # An empty last dim with its (0,) bias: the backward returns empty grads
+    # (the bias grad's row count cannot be inferred with reshape(-1, 0)).
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    bias = torch.randn(0, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        y = FF.bias_act(x, bias, "gelu")
+        y.backward(torch.randn_like(y))
+    assert y.shape == (3, 0) and x.grad.shape == (3, 0) and bias.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous(device, backend, dtype):
     base = torch.randn(24, 17, dtype=dtype)

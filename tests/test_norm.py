@@ -373,3 +373,10 @@ def test_more_than_2_31_elements(device, backend):
     # Constant rows contribute xhat = 0: dweight comes from the 3 tail rows only.
     xhat = (x[-3:].double() - mean[-3:, None].double()) * rstd[-3:, None].double()
     assert_rel_l2(dw, (x[-3:].double() * xhat).sum(0), torch.bfloat16, "dweight")
+
+
+def test_row_size_limit_is_a_clear_error():
+    # Rows past 2^30 elements would overflow the kernels' 32-bit column indices.
+    x = torch.empty(1, 2**30 + 1, device="meta")
+    with pytest.raises(ValueError, match=r"must be at most 2\^30"):
+        FF.layer_norm(x, (2**30 + 1,))

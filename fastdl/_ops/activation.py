@@ -11,6 +11,7 @@ grad_input over all leading dims, reduced in fp32 by torch (deterministic).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -146,7 +147,9 @@ class BiasActFunction(torch.autograd.Function):
         grad_in = ctx.bwd(grad_out, input, bias, ctx.act, ctx.negative_slope)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[1]:
-            grad_bias = grad_in.reshape(-1, grad_in.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+            # Rows as a product, not -1: reshape(-1, 0) of an empty last dim is ambiguous and raises.
+            rows = math.prod(grad_in.shape[:-1])
+            grad_bias = grad_in.reshape(rows, grad_in.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
         return (grad_in if ctx.needs_input_grad[0] else None), grad_bias, None, None, None
 
 

@@ -174,8 +174,8 @@ def _check(input: Tensor, residual: Optional[Tensor], shape: List[int], weight: 
     if input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
         raise ValueError(f"fastdl: normalized_shape {shape} must match the trailing dims of input, "
                          f"got input of shape {list(input.shape)}")
-    if math.prod(shape) >= 2**31:
-        raise ValueError(f"fastdl: prod(normalized_shape) must be below 2^31, got {math.prod(shape)}")
+    if math.prod(shape) > 2**30:
+        raise ValueError(f"fastdl: prod(normalized_shape) must be at most 2^30, got {math.prod(shape)}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"fastdl: residual must be a Tensor, got {type(residual).__name__}")
