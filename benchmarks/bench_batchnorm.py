@@ -7,7 +7,7 @@ two-pass kernels must move:
   train fwd       stats read x; normalize read x (+ residual), write y   3 N elt (+ N with residual)
   train bwd       pass 1 read g, x; pass 2 read g, x, write dx           5 N elt
     with residual pass 1 read g, x, r, write dz (= d residual);
-                  pass 2 read dz, x, write dx                            7 N elt
+                  pass 2 read g, x, r, write dx (dz recomputed in fp32)  8 N elt
   eval fwd        read x, write y                                        2 N elt
 Per-channel tensors (C floats) are negligible and not counted.
 Providers: fastdl-cuda, fastdl-triton, torch eager (F.batch_norm, then
@@ -69,7 +69,7 @@ def run(ctx: H.Context) -> list:
                            **H.fastdl_providers(ctx, OP, lambda res=res: FF.batch_norm(
                                x, *stats["fastdl"], w, b, True, act="relu", residual=res))}
                     fwd_bytes = (3 + (res is not None)) * n * elt
-                    bwd_bytes = (7 if res is not None else 5) * n * elt
+                    bwd_bytes = (8 if res is not None else 5) * n * elt
                     with torch.no_grad():
                         rows += H.measure(ctx, OP, "fwd", dtype, label, fwd, bytes_moved=fwd_bytes,
                                           extra={"case": case})
