@@ -49,6 +49,8 @@ def main(argv=None):
         print("smoke run on CPU: correctness checks and CPU wall-clock only; GPU benchmarks need CUDA")
     print("roofline:", ctx.roofline)
     rows, failed = [], []
+    stamp = ctx.env["timestamp"].replace(":", "").replace("-", "")
+    out_dir = args.out or H.default_out_dir(ctx)
     for i, op in enumerate(ops, 1):
         t0 = time.time()
         print(f"{_bar(i - 1, len(ops))} {op} ...", flush=True)
@@ -57,10 +59,9 @@ def main(argv=None):
         except Exception:
             failed.append(op)
             traceback.print_exc()
+        # Rewritten after every op: a run cut off by a time limit keeps what it measured.
+        paths = H.write_results(rows, ctx, out_dir, f"bench-{stamp}")
         print(f"{_bar(i, len(ops))} {op} done in {time.time() - t0:.0f}s", flush=True)
-    stamp = ctx.env["timestamp"].replace(":", "").replace("-", "")
-    out_dir = args.out or H.default_out_dir(ctx)
-    paths = H.write_results(rows, ctx, out_dir, f"bench-{stamp}")
     run = report.load(paths[1])
     with open(os.path.join(out_dir, f"bench-{stamp}.md"), "w") as f:
         f.write(f"# fastdl benchmarks\n\n{ctx.env}\n\nroofline: {ctx.roofline}\n\n```\n{H.summary(rows)}\n```\n\n"

@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import AUTOTUNE
+
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -614,6 +616,8 @@ def _tuned(kind: str, block_d: int):
     kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind][_bucket(block_d)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+    if not AUTOTUNE:
+        configs = configs[:1]
     # Autotuning reruns the kernel: the atomic dQ buffer must start from zero each time.
     reset = ["dq_ptr"] if kind == "dkdv" else None
     return triton.autotune(configs, key=_TUNE_KEY, reset_to_zero=reset)(kernel)
