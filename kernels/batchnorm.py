@@ -106,6 +106,17 @@ def _batch_norm_stats_finalize_kernel(
 
 
 @triton.jit
+def _tile(rows, S, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """This program's (BLOCK_R positions, BLOCK_C channels) tile of an
+    elementwise pass: channels, their mask, element offsets and mask."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    offs, rmask = _rows(tl.program_id(0), rows, S, C, BLOCK_R, CHANNELS_LAST)
+    offs = offs[:, None] + c.to(tl.int64)[None, :] * (1 if CHANNELS_LAST else S)
+    return c, cmask, offs, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _load_affine(mean_ptr, scale_ptr, shift_ptr, c, cmask):
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0)
@@ -121,11 +132,7 @@ def _batch_norm_fwd_kernel(
     ACT: tl.constexpr, HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    offs, rmask = _rows(tl.program_id(0), rows, S, C, BLOCK_R, CHANNELS_LAST)
-    offs = offs[:, None] + c.to(tl.int64)[None, :] * (1 if CHANNELS_LAST else S)
-    mask = rmask[:, None] & cmask[None, :]
+    c, cmask, offs, mask = _tile(rows, S, C, BLOCK_R, BLOCK_C, CHANNELS_LAST)
     mean, scale, shift = _load_affine(mean_ptr, scale_ptr, shift_ptr, c, cmask)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean) * scale + shift
@@ -187,11 +194,7 @@ def _batch_norm_bwd_kernel(
     ACT: tl.constexpr, HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    offs, rmask = _rows(tl.program_id(0), rows, S, C, BLOCK_R, CHANNELS_LAST)
-    offs = offs[:, None] + c.to(tl.int64)[None, :] * (1 if CHANNELS_LAST else S)
-    mask = rmask[:, None] & cmask[None, :]
+    c, cmask, offs, mask = _tile(rows, S, C, BLOCK_R, BLOCK_C, CHANNELS_LAST)
     mean, scale, shift = _load_affine(mean_ptr, scale_ptr, shift_ptr, c, cmask)
     kx = tl.load(kx_ptr + c, mask=cmask, other=0.0)[None, :]
     k0 = tl.load(k0_ptr + c, mask=cmask, other=0.0)[None, :]

@@ -42,6 +42,21 @@ DW_BLOCK_C = 256
 
 
 @triton.jit
+def _load_input(x_ptr, res_ptr, res_out_ptr, offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
+    """The values to normalize, in fp32: x, or with a residual the sum x + r
+    rounded to x's dtype, exactly as the op returns it (stored when STORE_SUM),
+    so the backward, which reads that sum back, differentiates what the
+    forward normalized."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s = (x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if STORE_SUM:
+            tl.store(res_out_ptr + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _norm_fwd_kernel(
     x_ptr,  # (rows, cols) input
     res_ptr,  # (rows, cols) residual, or unused without HAS_RES
@@ -69,13 +84,7 @@ def _norm_fwd_kernel(
         col = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (col < cols)[None, :]
         offs = base + col[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            # Normalize the rounded sum that is returned, so the backward,
-            # which reads it back, differentiates what the forward computed.
-            s = (x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            tl.store(res_out_ptr + offs, s, mask=mask)
-            x = s.to(tl.float32)
+        x = _load_input(x_ptr, res_ptr, res_out_ptr, offs, mask, HAS_RES, True)
         if RMS:
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
             var = tl.sum(x * x, axis=1) / cols
@@ -98,11 +107,7 @@ def _norm_fwd_kernel(
             col = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (col < cols)[None, :]
             offs = base + col[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                s = (x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-                tl.store(res_out_ptr + offs, s, mask=mask)
-                x = s.to(tl.float32)
+            x = _load_input(x_ptr, res_ptr, res_out_ptr, offs, mask, HAS_RES, True)
             if RMS:
                 m2 += tl.sum(x * x, axis=1)
             else:
@@ -124,10 +129,7 @@ def _norm_fwd_kernel(
             col = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (col < cols)[None, :]
             offs = base + col[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                s = (x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-                x = s.to(tl.float32)
+            x = _load_input(x_ptr, res_ptr, res_out_ptr, offs, mask, HAS_RES, False)
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_W:
                 y = y * tl.load(w_ptr + col, mask=col < cols, other=0.0).to(tl.float32)[None, :]
